@@ -1,0 +1,4 @@
+from dtrain.cli import main
+import sys
+
+sys.exit(main())
