@@ -130,6 +130,8 @@ def status() -> dict:
 
 def up(port: int = 0, tls: bool = False, backend: str = "auto") -> dict:
     """Start the server unless it already runs; return its state (without waiting twice)."""
+    if port and not 0 < port < 65536:
+        raise ServerError(f"port {port} is out of range 1-65535")
     current = config.read_json(_state_file())
     if current and _pid_alive(current.get("pid")):
         if bool(current.get("ca_bundle")) != tls:
@@ -138,8 +140,6 @@ def up(port: int = 0, tls: bool = False, backend: str = "auto") -> dict:
         if probe(current["endpoint_url"], current["backend"], current.get("ca_bundle"))["healthy"]:
             return current
         down()
-    if port and not 0 < port < 65536:
-        raise ServerError(f"port {port} is out of range 1-65535")
     chosen = _choose_backend(backend)
     port = port or free_port()
     data_dir = config.state_dir() / "minio-data"
