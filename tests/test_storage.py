@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from dtrain import config, s3server, storage
+from dtrain import s3server, storage
 from dtrain.errors import IntegrityError, StorageError
 
 

@@ -94,7 +94,7 @@ class S3Settings:
 
     def as_env(self) -> dict[str, str]:
         """The settings as the Secret's environment variables (plus the CA bundle)."""
-        env = dict(zip(S3_ENV_KEYS, (self.endpoint_url, self.access_key, self.secret_key, self.region)))
+        env = dict(zip(S3_ENV_KEYS, (self.endpoint_url, self.access_key, self.secret_key, self.region), strict=True))
         if self.ca_bundle:
             env["AWS_CA_BUNDLE"] = self.ca_bundle
         return env
