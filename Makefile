@@ -35,7 +35,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON_BOOT) -m venv $(VENV)
 	@$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null
 	@$(PY) -m pip install -q --disable-pip-version-check "uv==$(UV_VERSION)"
-	@VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip install -q -r requirements.lock
+	@VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip install -q --compile-bytecode -r requirements.lock
 	@VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip install -q --no-deps -e .
 	@$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $@
