@@ -64,7 +64,7 @@ def test_default_cluster_shape(rendered):
     assert int(group["rayStartParams"]["object-store-memory"]) == int(0.8 * 2 * 2**30)
     assert container["readinessProbe"]["httpGet"] == {"path": "/api/healthz", "port": 52365}
     assert job["spec"]["entrypoint"] == \
-        "python -m dtrain train --driver --dataset fashion-mnist --workers 8 --epochs 2"
+        "python -m dtrain train --driver --dataset fashion-mnist --workers 8 --epochs 2 --cpus-per-worker 1 --batch-size 256"
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] > 0
 
@@ -79,13 +79,13 @@ def test_image_tag_carries_the_ray_version():
 
 
 def test_entrypoint_matches_train_driver_command_when_present():
-    train = pytest.importorskip("dtrain.train")
-    if not hasattr(train, "driver_command"):
-        pytest.skip("dtrain.train.driver_command not written yet")
+    from dtrain import train
+
     words = [w for w in train.driver_command(dataset="mnist", workers=3, epochs=5, run_id="r1")
              if w not in ("--run-id", "r1")]
-    # The interpreter may be spelled sys.executable there and "python" in the pod: compare from -m on.
-    assert words[words.index("-m"):] == k8s.entrypoint("mnist", 3, 5).split()[1:]
+    assert words == k8s.entrypoint("mnist", 3, 5).split()
+    rayjob = yaml.safe_load((REPO / "manifests" / "50-rayjob.yaml").read_text())
+    assert rayjob["spec"]["entrypoint"] == k8s.entrypoint()
 
 
 # --- render ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-from dtrain.cli import main
 import sys
+
+from dtrain.cli import main
 
 sys.exit(main())

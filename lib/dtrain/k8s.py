@@ -56,9 +56,10 @@ CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop"
 
 
 def entrypoint(dataset: str = "fashion-mnist", workers: int = 8, epochs: int = 2) -> str:
-    """The RayJob's driver command: the same one ``dtrain train`` submits locally."""
-    return shlex.join(["python", "-m", "dtrain", "train", "--driver", "--dataset", dataset,
-                       "--workers", str(workers), "--epochs", str(epochs)])
+    """The RayJob's driver command: built by the same function ``dtrain train`` submits locally."""
+    from dtrain import train
+
+    return shlex.join(train.driver_command(dataset, workers, epochs))
 
 
 def _labels(component: str) -> dict:
