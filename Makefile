@@ -56,6 +56,8 @@ lint: setup ## ruff, shellcheck, YAML and notebook-policy checks
 	$(VENV)/bin/ruff check lib tests bench scripts
 	shellcheck scripts/*.sh .ci/run
 	$(PY) -m dtrain k8s validate manifests/
+	$(PY) scripts/check_notebooks.py
+	$(PY) scripts/check_secrets.py
 
 test: setup ## the whole suite: lint, unit, integration (real MinIO + Ray), notebooks
 	$(MAKE) --no-print-directory lint

@@ -32,6 +32,7 @@ def s3(s3_home):
     settings = config.s3_settings(environ={})
     os.environ.update(settings.as_env())
     yield settings
+    os.environ["DTRAIN_HOME"] = str(s3_home)  # a test may have moved it: stop the server we started
     s3server.down()
     for key, value in saved.items():
         if value is None:

@@ -103,7 +103,9 @@ def build_trainer(cfg: dict, run_id: str, use_gpu: bool = False):
     return TorchTrainer(
         train.train_func,
         train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=cfg["workers"], use_gpu=use_gpu,
+        # SPREAD (best effort): workers go to different nodes when they can, as the 8 workers
+        # spread over the 2 worker nodes of the KubeRay cluster; PACK would fill one node first.
+        scaling_config=ScalingConfig(num_workers=cfg["workers"], use_gpu=use_gpu, placement_strategy="SPREAD",
                                      resources_per_worker={"CPU": cfg["cpus_per_worker"],
                                                            **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import secrets
 import shlex
@@ -26,6 +27,11 @@ _MARKER = re.compile(rf"({train.EPOCH_MARKER}|{train.FIRST_STEP_MARKER}|{train.R
 # What a useful failure line looks like, best first.
 _ERROR_LINES = (re.compile(r"dtrain: error: .*"), re.compile(r"\w*(Error|Exception)\b.*"))
 STATUS_POLL_S = 1.0
+
+
+# Ray's job SDK logs "Uploading package…" at INFO on stderr; a failing command must print
+# one line there, so keep only its warnings.
+logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
 
 
 def make_run_id(dataset: str) -> str:
