@@ -20,22 +20,7 @@ source "$(dirname "$0")/_common.sh"
 need RKE2_TOKEN
 RKE2_SERVER_ADDRESS="${RKE2_SERVER_ADDRESS:-$(hostname -I | awk '{print $1}')}"
 need RKE2_SERVER_ADDRESS
-[[ "${DRY_RUN:-0}" == 1 || "$(id -u)" == 0 ]] || die "run as root (sudo -E $0)"
-
-log "writing /etc/rancher/rke2/config.yaml for server ${RKE2_SERVER_ADDRESS}"
-render_template "${MANIFESTS_DIR}/00-rke2-server-config.yaml.tmpl" RKE2_TOKEN RKE2_SERVER_ADDRESS \
-  | install_file 600 /etc/rancher/rke2/config.yaml
-
-if command -v rke2 >/dev/null 2>&1; then
-  log "rke2 already installed: $(rke2 --version | head -n1)"
-else
-  log "installing rke2 (server)"
-  need_cmd curl
-  run sh -c "curl -sfL https://get.rke2.io | INSTALL_RKE2_TYPE=server INSTALL_RKE2_VERSION='${INSTALL_RKE2_VERSION:-}' sh -"
-fi
-
-log "starting rke2-server (first start takes a few minutes)"
-run systemctl enable --now rke2-server.service
+setup_rke2 server 00-rke2-server-config.yaml.tmpl RKE2_TOKEN RKE2_SERVER_ADDRESS
 
 if [[ "${DRY_RUN:-0}" != 1 ]]; then
   for _ in $(seq 1 60); do

@@ -25,20 +25,5 @@ if [[ -z "${RKE2_TOKEN:-}" ]]; then
   RKE2_TOKEN="$(ssh "${RKE2_SERVER_SSH}" sudo cat /var/lib/rancher/rke2/server/node-token)"
   [[ -n "$RKE2_TOKEN" ]] || die "empty token from ${RKE2_SERVER_SSH}"
 fi
-[[ "${DRY_RUN:-0}" == 1 || "$(id -u)" == 0 ]] || die "run as root (sudo -E $0)"
-
-log "writing /etc/rancher/rke2/config.yaml (server https://${RKE2_SERVER_ADDRESS}:9345)"
-render_template "${MANIFESTS_DIR}/01-rke2-agent-config.yaml.tmpl" RKE2_SERVER_ADDRESS RKE2_TOKEN \
-  | install_file 600 /etc/rancher/rke2/config.yaml
-
-if command -v rke2 >/dev/null 2>&1; then
-  log "rke2 already installed: $(rke2 --version | head -n1)"
-else
-  log "installing rke2 (agent)"
-  need_cmd curl
-  run sh -c "curl -sfL https://get.rke2.io | INSTALL_RKE2_TYPE=agent INSTALL_RKE2_VERSION='${INSTALL_RKE2_VERSION:-}' sh -"
-fi
-
-log "starting rke2-agent"
-run systemctl enable --now rke2-agent.service
+setup_rke2 agent 01-rke2-agent-config.yaml.tmpl RKE2_SERVER_ADDRESS RKE2_TOKEN
 log "done. On the server: kubectl get nodes -o wide   (this node turns Ready in a minute or two)"

@@ -69,3 +69,23 @@ install_file() {
   rm -f "$tmp"
   log "wrote ${dest}"
 }
+
+# setup_rke2 server|agent TEMPLATE VAR...: as root, write /etc/rancher/rke2/config.yaml from a
+# manifests/ template (mode 600: it holds the join token), run rke2's installer once (re-runs
+# skip it; INSTALL_RKE2_VERSION pins it) and enable the systemd unit.
+setup_rke2() {
+  local type="$1" template="$2"
+  shift 2
+  [[ "${DRY_RUN:-0}" == 1 || "$(id -u)" == 0 ]] || die "run as root (sudo -E $0)"
+  log "writing /etc/rancher/rke2/config.yaml (rke2 ${type}, server ${RKE2_SERVER_ADDRESS})"
+  render_template "${MANIFESTS_DIR}/${template}" "$@" | install_file 600 /etc/rancher/rke2/config.yaml
+  if command -v rke2 >/dev/null 2>&1; then
+    log "rke2 already installed: $(rke2 --version | head -n1)"
+  else
+    log "installing rke2 (${type})"
+    need_cmd curl
+    run sh -c "curl -sfL https://get.rke2.io | INSTALL_RKE2_TYPE=${type} INSTALL_RKE2_VERSION='${INSTALL_RKE2_VERSION:-}' sh -"
+  fi
+  log "starting rke2-${type} (the first start takes a few minutes)"
+  run systemctl enable --now "rke2-${type}.service"
+}
