@@ -215,7 +215,8 @@ def _k8s(sub) -> None:
     v.add_argument("--all", action="store_true", help="list every problem, not only the first")
     for name, help_ in (("apply", "create or update the folder's objects (KUBECONFIG)"),
                         ("delete", "delete the folder's objects (KUBECONFIG)")):
-        s.add_parser(name, help=help_).add_argument("dir", nargs="?", default="manifests")
+        s.add_parser(name, help=help_).add_argument("dir", nargs="?", default="manifests",
+                                                    help="folder of manifests (default manifests/)")
     st = s.add_parser("status", help="state of a RayJob or RayCluster and its pods")
     lg = s.add_parser("logs", help="driver output of a RayJob (submitter pod, else head)")
     for q, default in ((st, "dtrain-train"), (lg, "dtrain-train")):
