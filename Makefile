@@ -53,7 +53,7 @@ demo: setup ## run notebooks 01→05 locally with papermill; executed copies + H
 	$(PY) scripts/run_notebooks.py --mode local
 
 lint: setup ## ruff, shellcheck, YAML and notebook-policy checks
-	$(VENV)/bin/ruff check lib tests bench scripts
+	$(VENV)/bin/ruff check .
 	shellcheck scripts/*.sh .ci/run
 	$(PY) -m dtrain k8s validate manifests/
 	$(PY) scripts/check_notebooks.py
