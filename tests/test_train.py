@@ -327,3 +327,17 @@ def test_ctrl_c_stops_the_job(fake_jobs):
     with pytest.raises(KeyboardInterrupt):
         submit.submit("mnist", 2, 1, run_id="mnist-y", echo=lambda line: None, progress=False)
     assert client.stopped == ["dtrain-mnist-y"]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 8, 15, 16, 17, 40])
+def test_scheduler_survives_any_run_length(steps):
+    """OneCycleLR alone raises ZeroDivisionError on 4 steps; tiny runs must still train."""
+    from dtrain import model as model_lib
+
+    net = model_lib.build_model({})
+    optimizer = model_lib.make_optimizer(net, {})
+    scheduler = model_lib.make_scheduler(optimizer, {}, steps_per_epoch=steps, epochs=1)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] > 0

@@ -90,6 +90,9 @@ def make_optimizer(model: nn.Module, config: dict) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg["lr"])
 
 
+MIN_ONE_CYCLE_STEPS = 16
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, config: dict, steps_per_epoch: int,
                    epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """One-cycle schedule over the whole run, stepped once per batch.
@@ -98,9 +101,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: dict, steps_per_epo
     reliably above 90 %: the last steps average out the noise of a high learning rate.
     """
     cfg = model_config(config)
+    total = steps_per_epoch * epochs
+    if total < MIN_ONE_CYCLE_STEPS:
+        # OneCycleLR divides by its phase lengths, which round to zero on a handful of steps
+        # (4 steps: ZeroDivisionError). Such tiny runs (smoke tests) keep a constant rate.
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg["lr"], total_steps=max(1, steps_per_epoch * epochs),
-        pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
+        optimizer, max_lr=cfg["lr"], total_steps=total, pct_start=0.25, div_factor=10.0,
+        final_div_factor=100.0)
 
 
 def loss_function(config: dict) -> nn.Module:
