@@ -109,23 +109,24 @@ def object_info(bucket: str, key: str) -> dict:
             "content_type": head.get("ContentType")}
 
 
-def exists(bucket: str, key: str) -> bool:
+def _info_or_none(bucket: str, key: str) -> dict | None:
+    """``object_info``, or None when the object does not exist (one HEAD request)."""
     try:
-        client().head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as exc:
-        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-            return False
-        raise _explain(exc, f"reading s3://{bucket}/{key}") from exc
-    except BotoCoreError as exc:
-        raise _explain(exc, f"reading s3://{bucket}/{key}") from exc
+        return object_info(bucket, key)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, ClientError) and \
+                exc.__cause__.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return None
+        raise
+
+
+def exists(bucket: str, key: str) -> bool:
+    return _info_or_none(bucket, key) is not None
 
 
 def _already_there(bucket: str, key: str, size: int, sha: str) -> bool:
-    if not exists(bucket, key):
-        return False
-    info = object_info(bucket, key)
-    return info["size"] == size and info["sha256"] == sha
+    info = _info_or_none(bucket, key)
+    return info is not None and info["size"] == size and info["sha256"] == sha
 
 
 def _verify_upload(bucket: str, key: str, size: int, sha: str) -> None:
